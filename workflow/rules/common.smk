@@ -1,0 +1,63 @@
+# Config validation, wildcard constraints and input functions shared by every rule.
+
+import re
+from pathlib import Path
+
+import lmprune.config
+from lmprune.config import sparsity_from_label, sparsity_label
+from snakemake.exceptions import WorkflowError
+
+try:
+    lmprune.config.validate_config(
+        config, lmprune.config.load_schema(Path(workflow.basedir) / "config" / "schema.yaml")
+    )
+except lmprune.config.ConfigError as error:
+    raise WorkflowError(f"Invalid config: {error}") from None
+
+
+MODELS = {model["name"]: model for model in config["models"]}
+METHODS = config["methods"]
+SPARSITIES = [sparsity_label(sparsity) for sparsity in config["sparsities"]]
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)),
+    method="|".join(map(re.escape, METHODS)),
+    # s0, s5, s50, s87.5: digits only, so a label never runs into the suffix of a figure name.
+    sparsity=r"s\d+(\.\d+)?",
+
+
+def model_entry(wildcards):
+    return MODELS[wildcards.model]
+
+
+def checkpoint_folder(model, method, sparsity):
+    return f"results/checkpoints/{model}/{method}/{sparsity}"
+
+
+def checkpoint_output():
+    """The prune rule's output: temporary when keep_checkpoints is false."""
+    folder = directory(checkpoint_folder("{model}", "{method}", "{sparsity}"))
+    return folder if config["keep_checkpoints"] else temp(folder)
+
+
+def checkpoint_input(wildcards):
+    return checkpoint_folder(wildcards.model, wildcards.method, wildcards.sparsity)
+
+
+def expand_runs(pattern):
+    """Expand a path pattern over every model, method and sparsity of the config."""
+    return expand(pattern, model=MODELS, method=METHODS, sparsity=SPARSITIES)
+
+
+def all_targets():
+    targets = [
+        "results/tables/sizes.csv",
+        "results/figures/size_vs_sparsity.png",
+    ]
+    targets += expand_runs("results/sizes/{model}/{method}/{sparsity}.json")
+    targets += expand_runs("results/histograms/{model}/{method}/{sparsity}-all.png")
+    targets += expand_runs("results/histograms/{model}/{method}/{sparsity}-layers.png")
+    if config["keep_checkpoints"]:
+        targets += expand_runs(checkpoint_folder("{model}", "{method}", "{sparsity}"))
+    return targets
