@@ -24,6 +24,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/measure.smk"
+include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/summarize.smk"
 
 

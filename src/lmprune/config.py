@@ -185,3 +185,29 @@ def load_config(path: str | Path) -> dict:
     with open(path) as handle:
         config = yaml.safe_load(handle)
     return validate_config(config)
+
+
+# Files each task reads from a local data folder, laid out like the hub-free copies:
+# CLM trains on WikiText-2 valid and evaluates on test; QNLI splits the dev TSV in two.
+LOCAL_DATA_FILES = {
+    "clm": ("wikitext-2/valid.txt", "wikitext-2/test.txt"),
+    "qnli": ("qnli/dev.tsv",),
+}
+
+
+def check_data_dir(data_dir: str | Path, tasks: list[str]) -> None:
+    """Check that ``data_dir`` has the local files every task in ``tasks`` reads.
+
+    Raises:
+        ConfigError: naming the first missing file and the expected layout.
+    """
+    for task in tasks:
+        for relative in LOCAL_DATA_FILES[task]:
+            path = Path(data_dir) / relative
+            if not path.is_file():
+                layout = ", ".join(name for names in LOCAL_DATA_FILES.values() for name in names)
+                raise ConfigError(
+                    f"{str(path)!r} not found (task {task}). The local data folder {str(data_dir)!r} "
+                    f"must contain {layout}; set data.local_dir or LMPRUNE_DATA_DIR to such a folder, "
+                    "or leave both empty to read the hub."
+                )

@@ -217,3 +217,81 @@ def plot_size_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike[str]) -> 
     _add_size_legend(figure, table, methods, codecs)
     figure.suptitle("Size of the .safetensors weights against sparsity: raw and compressed")
     save_figure(figure, path)
+
+
+# Columns of the benchmark table, in order; a task leaves the other task's metrics empty.
+BENCH_COLUMNS = (
+    "task", "model", "family", "method", "masks_kept", "untrained", "sparsity",
+    "sparsity_before", "sparsity_after", "eval_loss", "perplexity", "accuracy",
+    "zero_shot_eval_loss", "zero_shot_perplexity", "train_runtime_s", "train_samples_per_s",
+    "eval_runtime_s", "train_samples", "eval_samples", "train_tokens", "eval_tokens",
+    "block_size", "device", "seed",
+)
+
+
+def bench_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Flatten benchmark JSONs (one per task, model, method and sparsity) into one table.
+
+    Returns a DataFrame with ``BENCH_COLUMNS``, sorted by task, model, method and sparsity.
+    CLM rows take ``train_samples`` from the training blocks and ``eval_tokens`` from the
+    tokens the perplexity averages over.
+    """
+    rows = []
+    for record in records:
+        zero_shot = record.get("zero_shot") or {}
+        evaluation = record.get("eval") or {}
+        row = {column: record.get(column) for column in BENCH_COLUMNS}
+        row["zero_shot_eval_loss"] = zero_shot.get("eval_loss")
+        row["zero_shot_perplexity"] = zero_shot.get("perplexity")
+        row["eval_tokens"] = evaluation.get("eval_tokens")
+        if record.get("task") == "clm":
+            row["train_samples"] = record.get("train_blocks")
+            row["eval_samples"] = evaluation.get("eval_blocks")
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=list(BENCH_COLUMNS))
+    return table.sort_values(["task", "model", "method", "sparsity"], kind="stable").reset_index(drop=True)
+
+
+def _series_label(model: str, method: str, masks_kept: bool, untrained: bool) -> str:
+    label = f"{model}, {method}"
+    if not masks_kept:
+        label += " (no masks)"
+    if untrained:
+        label += " (UNTRAINED)"
+    return label
+
+
+def plot_metric_vs_sparsity(
+    table: pd.DataFrame, column: str, label: str, path: str | os.PathLike[str], title: str
+) -> None:
+    """Plot ``column`` of a benchmark table against sparsity and save it to ``path``.
+
+    One line per model and method; runs fine-tuned without masks and untrained test models are
+    labelled as such in the legend. The x axis is sparsity in percent.
+
+    Raises ``ValueError`` when the table has no rows or lacks ``column``.
+    """
+    if table.empty:
+        raise ValueError(f"no benchmark rows to plot for {title!r}: run the benchmarks first")
+    if column not in table.columns:
+        raise ValueError(f"benchmark table has no column {column!r}")
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = figure.subplots()
+    groups = table.groupby(["model", "method", "masks_kept", "untrained"], sort=False, dropna=False)
+    for (model, method, masks_kept, untrained), rows in groups:
+        rows = rows.sort_values("sparsity")
+        ax.plot(
+            100.0 * rows["sparsity"],
+            rows[column],
+            marker="o",
+            markersize=4,
+            linestyle="-" if masks_kept else "--",
+            label=_series_label(model, method, bool(masks_kept), bool(untrained)),
+        )
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel(label)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    figure.suptitle(title)
+    save_figure(figure, path)

@@ -1,5 +1,6 @@
 # Config validation, wildcard constraints and input functions shared by every rule.
 
+import os
 import re
 from pathlib import Path
 
@@ -18,6 +19,25 @@ except lmprune.config.ConfigError as error:
 MODELS = {model["name"]: model for model in config["models"]}
 METHODS = config["methods"]
 SPARSITIES = [sparsity_label(sparsity) for sparsity in config["sparsities"]]
+TASKS = config["tasks"]
+
+# Local copies of the benchmark data instead of the hub: LMPRUNE_DATA_DIR wins over the config.
+DATA_DIR = os.environ.get("LMPRUNE_DATA_DIR") or config["data"]["local_dir"] or None
+if DATA_DIR and TASKS:
+    DATA_DIR = str(Path(DATA_DIR).expanduser().resolve())
+    try:
+        lmprune.config.check_data_dir(DATA_DIR, TASKS)
+    except lmprune.config.ConfigError as error:
+        raise WorkflowError(f"Invalid data folder: {error}") from None
+
+# Benchmark figures: file name -> the task, the bench.csv column plotted and the axis label.
+BENCH_FIGURES = {
+    "clm_eval_loss": {"task": "clm", "column": "eval_loss", "label": "eval loss (mean token cross-entropy, nats)"},
+    "clm_perplexity": {"task": "clm", "column": "perplexity", "label": "perplexity (exp of eval loss)"},
+    "clm_train_runtime": {"task": "clm", "column": "train_runtime_s", "label": "training run time (s)"},
+    "qnli_accuracy": {"task": "qnli", "column": "accuracy", "label": "QNLI accuracy"},
+    "qnli_train_runtime": {"task": "qnli", "column": "train_runtime_s", "label": "training run time (s)"},
+}
 
 
 wildcard_constraints:
@@ -25,6 +45,8 @@ wildcard_constraints:
     method="|".join(map(re.escape, METHODS)),
     # s0, s5, s50, s87.5: digits only, so a label never runs into the suffix of a figure name.
     sparsity=r"s\d+(\.\d+)?",
+    task="|".join(TASKS) or "clm|qnli",
+    figure="|".join(BENCH_FIGURES),
 
 
 def model_entry(wildcards):
@@ -58,6 +80,11 @@ def all_targets():
     targets += expand_runs("results/sizes/{model}/{method}/{sparsity}.json")
     targets += expand_runs("results/histograms/{model}/{method}/{sparsity}-all.png")
     targets += expand_runs("results/histograms/{model}/{method}/{sparsity}-layers.png")
+    if TASKS:
+        targets.append("results/tables/bench.csv")
+        targets += [
+            f"results/figures/{name}.png" for name, figure in BENCH_FIGURES.items() if figure["task"] in TASKS
+        ]
     if config["keep_checkpoints"]:
         targets += expand_runs(checkpoint_folder("{model}", "{method}", "{sparsity}"))
     return targets

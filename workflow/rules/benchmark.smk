@@ -1,0 +1,62 @@
+# Fine-tuning benchmarks: every checkpoint is fine-tuned and evaluated on each task in the config.
+
+
+rule finetune_eval:
+    input:
+        checkpoint=checkpoint_input,
+    output:
+        "results/bench/{task}/{model}/{method}/{sparsity}.json",
+    params:
+        family=lambda wildcards: model_entry(wildcards)["family"],
+        trust_remote_code=lambda wildcards: model_entry(wildcards)["trust_remote_code"],
+        settings=lambda wildcards: config["finetune"][wildcards.task],
+        data_settings=lambda wildcards: config["data"][wildcards.task],
+        local_dir=DATA_DIR,
+        seed=config["finetune"]["seed"],
+        keep_masks=config["finetune"]["keep_masks"],
+        device=config["finetune"]["device"],
+    log:
+        "logs/finetune_eval/{task}/{model}/{method}/{sparsity}.log",
+    benchmark:
+        "logs/finetune_eval/{task}/{model}/{method}/{sparsity}.benchmark.tsv"
+    threads: 2
+    resources:
+        # Defaults for a cluster profile to override per site; a local run ignores gpu.
+        gpu=1,
+        mem_mb=16000,
+        runtime=240,
+    script:
+        "../scripts/finetune_eval.py"
+
+
+rule table_bench:
+    input:
+        expand(
+            "results/bench/{task}/{model}/{method}/{sparsity}.json",
+            task=TASKS, model=MODELS, method=METHODS, sparsity=SPARSITIES,
+        ),
+    output:
+        "results/tables/bench.csv",
+    log:
+        "logs/table_bench/bench.log",
+    localrule: True
+    script:
+        "../scripts/table_bench.py"
+
+
+rule plot_bench:
+    input:
+        "results/tables/bench.csv",
+    output:
+        report(
+            "results/figures/{figure}.png",
+            caption="../report/bench_figure.rst",
+            category="Benchmarks",
+        ),
+    params:
+        metric=lambda wildcards: BENCH_FIGURES[wildcards.figure],
+    log:
+        "logs/plot_bench/{figure}.log",
+    localrule: True
+    script:
+        "../scripts/plot_bench.py"
