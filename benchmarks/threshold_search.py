@@ -235,7 +235,10 @@ lmprune runs `find_global_threshold` then `apply_global_threshold_`
 `torch.nn.utils.prune.global_unstructured(..., pruning_method=L1Unstructured)`
 on regenerated, identical weights in the same process. Extra peak memory is
 VmHWM after the call minus VmRSS before it, with VmHWM reset through
-`/proc/self/clear_refs`.
+`/proc/self/clear_refs`. For torch it includes what stays allocated after the
+call: per weight a float mask buffer and the masked copy that
+`torch.nn.utils.prune` stores as the module's `weight`, together twice the
+weights' size. lmprune writes zeros into the weights and keeps nothing.
 
 Command (run on {results["date"]}):
 
@@ -269,7 +272,7 @@ Python {machine["python"]}, torch {machine["torch"]}.
 
 
 def update_docs(path: Path, section: str) -> None:
-    """Replace the benchmark's section in ``path``, or append it; create the file if missing."""
+    """Replace the benchmark's section in ``path`` or append it, creating the file if missing."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^## {re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
