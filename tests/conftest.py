@@ -30,8 +30,12 @@ def toy_models(tmp_path_factory) -> dict[str, Path]:
     return {family: build_untrained_model(family, root / family) for family in TOY_FAMILIES}
 
 
-def run_snakemake(workdir: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repository's Snakefile in ``workdir`` and return the finished process."""
+def run_snakemake(workdir: Path, *arguments: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the repository's Snakefile in ``workdir`` and return the finished process.
+
+    ``env`` adds environment variables; LMPRUNE_DATA_DIR from the caller's environment is
+    dropped so that each test chooses its data source itself.
+    """
     command = [
         sys.executable, "-m", "snakemake",
         "--snakefile", str(REPO / "Snakefile"),
@@ -39,7 +43,9 @@ def run_snakemake(workdir: Path, *arguments: str, check: bool = True) -> subproc
         "--cores", "2",
         *arguments,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    environment = {key: value for key, value in os.environ.items() if key != "LMPRUNE_DATA_DIR"}
+    environment.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
