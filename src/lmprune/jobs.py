@@ -29,6 +29,11 @@ def start_job(log_path: str | None, threads: int = 1, offline: bool = True) -> l
         handlers=handlers,
         force=True,
     )
+    # An uncaught error goes into the job's log file too, not only to Snakemake's stderr.
+    def log_uncaught(error_type, error, traceback):
+        logging.getLogger("lmprune").error("job failed: %s", error, exc_info=(error_type, error, traceback))
+
+    sys.excepthook = log_uncaught
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(max(1, int(threads)))
