@@ -17,8 +17,8 @@ import math
 import numbers
 import random
 import sys
-from collections.abc import Mapping
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
