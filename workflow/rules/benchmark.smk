@@ -4,6 +4,7 @@
 rule finetune_eval:
     input:
         checkpoint=checkpoint_input,
+        data="results/data/{task}.json",
     output:
         "results/bench/{task}/{model}/{method}/{sparsity}.json",
     params:
@@ -60,3 +61,20 @@ rule plot_bench:
     localrule: True
     script:
         "../scripts/plot_bench.py"
+
+
+# Runs on the submitting host (localrule) like resolve_model: reading a hub dataset here fills
+# the Hugging Face cache, so the fine-tuning jobs on compute nodes read it with the hub offline.
+rule fetch_data:
+    output:
+        "results/data/{task}.json",
+    params:
+        data_settings=lambda wildcards: config["data"][wildcards.task],
+        settings=lambda wildcards: config["finetune"][wildcards.task],
+        local_dir=DATA_DIR,
+        seed=config["finetune"]["seed"],
+    log:
+        "logs/fetch_data/{task}.log",
+    localrule: True
+    script:
+        "../scripts/fetch_data.py"
