@@ -1,8 +1,8 @@
 """Validate an lmprune config and spell sparsity levels the same way everywhere.
 
 The JSON schema in ``config/schema.yaml`` checks types, ranges and unknown keys and fills
-defaults; the checks here cover what a schema cannot express (duplicates, sources that do not
-exist, sparsities that round to the same path). Every failure raises :class:`ConfigError` with
+defaults. The checks here cover what a schema cannot express: duplicates, sources that do not
+exist, and sparsities that round to the same path. Every failure raises :class:`ConfigError` with
 one message that names the offending value and the fix.
 """
 

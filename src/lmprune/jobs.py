@@ -14,18 +14,28 @@ import torch
 _PACKAGES = ("lmprune", "torch", "transformers", "safetensors", "datasets", "snakemake", "numpy")
 
 
-def start_job(log_path: str | None, threads: int = 1, offline: bool = True) -> logging.Logger:
+def start_job(
+    log_path: str | None, threads: int = 1, offline: bool = True, rank: int | None = None
+) -> logging.Logger:
     """Send log records to ``log_path`` (and stderr), use ``threads`` torch threads.
 
-    With ``offline`` the Hugging Face libraries are told not to reach the hub
-    (``HF_HUB_OFFLINE=1``), because compute jobs read only the folders ``resolve_model`` wrote.
+    With ``offline`` it sets ``HF_HUB_OFFLINE=1`` so the Hugging Face libraries do not reach the
+    hub, because compute jobs read only the folders and caches that the local rules filled.
+
+    ``rank`` is set by the worker processes of a multi-process (DDP) job. Their lines then
+    read ``rank N`` after the level, and they append to ``log_path``, which the launching
+    process has already truncated. Every writer opens the file in append mode, so the lines
+    of all processes end up in it and none overwrites another.
     """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        if rank is None:
+            open(log_path, "w").close()
+        handlers.append(logging.FileHandler(log_path, mode="a"))
+    rank_field = "" if rank is None else f"rank {rank} "
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {rank_field}%(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )

@@ -90,7 +90,7 @@ def weight_files(folder: str | Path) -> list[Path]:
     """Return the safetensors weight files of a transformers folder, sorted by name.
 
     Raises:
-        ModelSourceError: if the folder holds no safetensors file.
+        ModelSourceError: if the folder contains no safetensors file.
     """
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))

@@ -29,7 +29,7 @@ _WORDS = (
 
 
 def _training_text() -> list[str]:
-    """Return a few hundred lines of English-like text to train the toy tokenizers on."""
+    """Return about a hundred lines of English-like text to train the toy tokenizers on."""
     lines = []
     for offset in range(len(_WORDS)):
         lines.append(" ".join(_WORDS[offset:] + _WORDS[:offset]))
