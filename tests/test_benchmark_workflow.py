@@ -71,7 +71,7 @@ def test_bench_table_and_figures(bench_run):
     for name in FIGURES:
         assert imread(bench_run / f"results/figures/{name}.png").shape[0] > 100
     log = (bench_run / "logs/finetune_eval/qnli/minilm/magnitude/s50.log").read_text()
-    assert "epoch 1/1" in log
+    assert "epoch 1/" in log
 
 
 @needs_data
@@ -128,5 +128,7 @@ def test_untrained_models_benchmark(tmp_path, toy_models):
         assert clm["zero_shot"]["applicable"] is True
         assert math.isfinite(clm["zero_shot"]["perplexity"])
         assert clm["sparsity_after"] == clm["sparsity_before"]
+        assert clm["world_size"] == 1
+        assert clm["backend"] is None
         qnli = json.loads((tmp_path / f"results/bench/qnli/{name}/magnitude/s50.json").read_text())
         assert qnli["sparsity_after"] == qnli["sparsity_before"]

@@ -3,18 +3,26 @@
 ``run_clm`` and ``run_qnli`` each load the checkpoint with the task's head, load and encode the
 data, fine-tune with the checkpoint's zero mask kept, evaluate, and return a JSON-ready record
 of the metrics, the run times, the sparsity before and after fine-tuning, and where the data
-came from.
+came from. ``run_job`` wraps either one for a whole finetune_eval job and writes the JSON.
+
+In a DDP run (``distributed`` given) every rank calls the same function. All ranks load the
+model and the data and train together. Rank 0 alone runs the evaluations, on the whole
+evaluation set as a single process would, and writes the JSON. The other ranks return None.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lmprune import data, finetune
+from lmprune.distributed import DistributedContext
+from lmprune.io import write_json_atomic
+from lmprune.jobs import environment
 from lmprune.pruning import measure_sparsity, prunable_weights
 
 log = logging.getLogger(__name__)
@@ -62,9 +70,26 @@ def _finish_record(record: dict, tracked: list, masks, keep_masks: bool, sparsit
     return record
 
 
+def _training_loader(samples: list, batch_size: int, seed: int, distributed: DistributedContext | None,
+                     collate_fn=None) -> DataLoader:
+    """Return a loader that shuffles ``samples`` with ``seed`` into batches of ``batch_size``.
+
+    In a DDP run ``batch_size`` is the global batch. Each rank draws its shard through a
+    DistributedSampler and takes ``batch_size / world_size`` samples per step. The number of
+    optimizer steps and the learning rate schedule therefore do not depend on the process count.
+    """
+    if distributed is None:
+        return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
+                          generator=torch.Generator().manual_seed(seed))
+    sampler = DistributedSampler(samples, num_replicas=distributed.world_size, rank=distributed.rank,
+                                 shuffle=True, seed=seed)
+    return DataLoader(samples, batch_size=distributed.local_batch_size(batch_size), sampler=sampler,
+                      collate_fn=collate_fn)
+
+
 def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: dict,
             local_dir: str | None, seed: int, keep_masks: bool, device: torch.device,
-            trust_remote_code: bool = False) -> dict:
+            trust_remote_code: bool = False, distributed: DistributedContext | None = None) -> dict | None:
     """Fine-tune ``checkpoint`` as a causal LM on WikiText-2 and report loss and perplexity.
 
     Args:
@@ -72,7 +97,12 @@ def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: 
             epochs, learning_rate, weight_decay, warmup_ratio, batch_size, eval_batch_size).
         data_settings: the config's ``data.clm`` block (hub dataset id, config, splits).
         local_dir: folder of local copies, or None to read the hub.
+        distributed: this process's rank in a DDP run, or None for a single process.
+
+    Returns:
+        The record, or None on DDP ranks other than 0.
     """
+    is_main = distributed is None or distributed.is_main
     finetune.set_seed(seed)
     model, new_parameter_names = finetune.load_task_model(checkpoint, "clm", family, trust_remote_code)
     tokenizer = _load_tokenizer(checkpoint)
@@ -91,29 +121,21 @@ def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: 
     record["train_blocks"] = len(train_blocks)
     record["train_tokens"] = int(train_blocks.numel())
 
-    lm_head_pretrained = finetune.lm_head_is_pretrained(model, new_parameter_names)
-    if lm_head_pretrained:
-        zero_shot = finetune.evaluate_causal_lm(model, eval_blocks, batch_size=settings["eval_batch_size"], device=device)
-        record["zero_shot"] = {"applicable": True, **_as_dict(zero_shot)}
-        log.info("zero-shot eval: loss %.4f, perplexity %.2f", zero_shot.eval_loss, zero_shot.perplexity)
-    else:
-        record["zero_shot"] = {
-            "applicable": False,
-            "reason": "the LM head is newly initialised: the checkpoint has no pretrained output layer for this task",
-        }
-        log.info("zero-shot eval not applicable: the LM head is new")
+    if is_main:  # DDP: rank 0 alone evaluates
+        record["zero_shot"] = _evaluate_zero_shot(model, new_parameter_names, eval_blocks, settings["eval_batch_size"], device)
 
-    loader = DataLoader(
+    loader = _training_loader(
         [{"input_ids": block, "labels": block} for block in train_blocks],
-        batch_size=settings["batch_size"],
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        settings["batch_size"], seed, distributed,
     )
+    record["batch_size_per_process"] = loader.batch_size
     trained = finetune.train(
         model, loader, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
         weight_decay=settings["weight_decay"], warmup_ratio=settings["warmup_ratio"],
-        device=device, masks=masks, log=log,
+        device=device, masks=masks, log=log, distributed=distributed,
     )
+    if not is_main:
+        return None
     evaluated = finetune.evaluate_causal_lm(model, eval_blocks, batch_size=settings["eval_batch_size"], device=device)
     log.info("fine-tuned CLM eval: loss %.4f, perplexity %.2f", evaluated.eval_loss, evaluated.perplexity)
 
@@ -127,9 +149,24 @@ def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: 
     return _finish_record(record, tracked, masks, keep_masks, sparsity_before)
 
 
+def _evaluate_zero_shot(model, new_parameter_names: set[str], eval_blocks: torch.Tensor, batch_size: int,
+                        device: torch.device) -> dict:
+    """Evaluate the CLM model before fine-tuning, or return why that does not apply."""
+    lm_head_pretrained = finetune.lm_head_is_pretrained(model, new_parameter_names)
+    if lm_head_pretrained:
+        zero_shot = finetune.evaluate_causal_lm(model, eval_blocks, batch_size=batch_size, device=device)
+        log.info("zero-shot eval: loss %.4f, perplexity %.2f", zero_shot.eval_loss, zero_shot.perplexity)
+        return {"applicable": True, **_as_dict(zero_shot)}
+    log.info("zero-shot eval not applicable: the LM head is new")
+    return {
+        "applicable": False,
+        "reason": "the LM head is newly initialised: the checkpoint has no pretrained output layer for this task",
+    }
+
+
 def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings: dict,
              local_dir: str | None, seed: int, keep_masks: bool, device: torch.device,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, distributed: DistributedContext | None = None) -> dict | None:
     """Fine-tune ``checkpoint`` as a two-label classifier on GLUE QNLI and report accuracy.
 
     Args:
@@ -138,7 +175,12 @@ def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings:
             eval_batch_size).
         data_settings: the config's ``data.qnli`` block.
         local_dir: folder of local copies, or None to read the hub.
+        distributed: this process's rank in a DDP run, or None for a single process.
+
+    Returns:
+        The record, or None on DDP ranks other than 0.
     """
+    is_main = distributed is None or distributed.is_main
     finetune.set_seed(seed)
     model, new_parameter_names = finetune.load_task_model(checkpoint, "qnli", family, trust_remote_code)
     tokenizer = _load_tokenizer(checkpoint)
@@ -159,10 +201,9 @@ def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings:
     )
     log.info("QNLI data: %d training and %d evaluation pairs", len(train_corpus), len(eval_corpus))
     collate = data.collate_pairs(tokenizer)
-    train_loader = DataLoader(
+    train_loader = _training_loader(
         data.encode_pairs(tokenizer, train_corpus, settings["max_length"]),
-        batch_size=settings["batch_size"], shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
+        settings["batch_size"], seed, distributed, collate_fn=collate,
     )
     eval_loader = DataLoader(
         data.encode_pairs(tokenizer, eval_corpus, settings["max_length"]),
@@ -173,12 +214,15 @@ def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings:
     record["dataset"] = {"train": train_corpus.provenance, "eval": eval_corpus.provenance}
     record["train_samples"] = len(train_corpus)
     record["eval_samples"] = len(eval_corpus)
+    record["batch_size_per_process"] = train_loader.batch_size
 
     trained = finetune.train(
         model, train_loader, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
         weight_decay=settings["weight_decay"], warmup_ratio=settings["warmup_ratio"],
-        device=device, masks=masks, log=log,
+        device=device, masks=masks, log=log, distributed=distributed,
     )
+    if not is_main:
+        return None
     evaluated = finetune.evaluate_classification(model, eval_loader, device=device)
     log.info("fine-tuned QNLI eval: accuracy %.4f on %d pairs", evaluated.accuracy, evaluated.eval_samples)
 
@@ -214,3 +258,60 @@ def _as_dict(result) -> dict:
 
 
 TASKS = {"clm": run_clm, "qnli": run_qnli}
+
+
+def run_job(job: dict, device: torch.device, distributed: DistributedContext | None = None) -> None:
+    """Fine-tune and evaluate one checkpoint on one task and write the finetune_eval JSON.
+
+    Args:
+        job: JSON-serialisable arguments, so that the finetune_eval script can hand them to
+            DDP workers in a file: ``checkpoint`` (a pruned checkpoint folder with its
+            pruning.json), ``task``, ``sparsity_label``, ``family``, ``settings``,
+            ``data_settings``, ``local_dir``, ``seed``, ``keep_masks``, ``trust_remote_code``
+            and ``output`` (the JSON path).
+        device: where this process trains.
+        distributed: this process's rank in a DDP run, or None for a single process. Only rank
+            0 writes the JSON, with ``world_size`` and ``backend`` set from it. A single
+            process records world_size 1 and backend None.
+    """
+    checkpoint = Path(job["checkpoint"])
+    pruning = json.loads((checkpoint / "pruning.json").read_text())
+    task = job["task"]
+    if distributed is None or distributed.is_main:
+        log.info(
+            "fine-tuning %s (%s pruning, sparsity %s) on %s on %s%s",
+            pruning["model"], pruning["method"], pruning["sparsity_target"], task, device,
+            "" if job["keep_masks"] else " WITHOUT masks",
+        )
+        if pruning["untrained"]:
+            log.warning("UNTRAINED: %s has random weights (a test model); its metrics mean nothing", pruning["model"])
+
+    record = TASKS[task](
+        checkpoint, job["family"], job["settings"], job["data_settings"], job["local_dir"],
+        job["seed"], job["keep_masks"], device,
+        trust_remote_code=job["trust_remote_code"], distributed=distributed,
+    )
+    if record is None:
+        return
+
+    write_json_atomic(
+        job["output"],
+        {
+            "model": pruning["model"],
+            "family": pruning["family"],
+            "method": pruning["method"],
+            "sparsity": pruning["sparsity_target"],
+            "sparsity_label": job["sparsity_label"],
+            "untrained": pruning["untrained"],
+            "checkpoint": str(checkpoint),
+            "source": pruning["source"],
+            "seed": job["seed"],
+            "settings": job["settings"],
+            "device": str(device),
+            "world_size": distributed.world_size if distributed is not None else 1,
+            "backend": distributed.backend if distributed is not None else None,
+            **record,
+            "environment": {**environment(), "device": str(device)},
+        },
+    )
+    log.info("wrote %s", job["output"])

@@ -2,7 +2,9 @@
 
 The training loop is plain PyTorch, written to be read top to bottom: AdamW, a linear
 warmup-and-decay schedule, gradient-norm clipping, and :class:`SparsityMasks` re-zeroing the
-pruned weights after every optimizer step. ``transformers.Trainer`` is not used.
+pruned weights after every optimizer step. ``transformers.Trainer`` is not used. With a
+:class:`lmprune.distributed.DistributedContext`, :func:`train` runs the same loop as one rank
+of a DistributedDataParallel (DDP) job. The steps that differ are marked "DDP:".
 
 Perplexity is ``exp`` of the mean token cross-entropy (nats) over non-overlapping blocks: each
 block of ``block_size`` tokens predicts its last ``block_size - 1`` tokens from the tokens
@@ -21,13 +23,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import (
     AutoConfig,
@@ -39,6 +43,9 @@ from transformers import (
 from lmprune import data
 from lmprune.models import FAMILIES, ModelSourceError, weight_files
 from lmprune.pruning import prunable_weights
+
+if TYPE_CHECKING:
+    from lmprune.distributed import DistributedContext
 
 __all__ = [
     "QNLI_LABELS",
@@ -409,7 +416,12 @@ class SparsityMasks:
 
 @dataclass
 class TrainResult:
-    """Summary of one :func:`train` call. Times are wall-clock seconds of the training loop only."""
+    """Summary of one :func:`train` call. Times are wall-clock seconds of the training loop only.
+
+    In a DDP run every field covers all ranks together: samples are summed over the ranks
+    (including the samples that DistributedSampler repeats to give every rank an equal share),
+    and the losses are means over the ranks' batches.
+    """
 
     train_runtime_s: float
     train_samples: int  # samples seen, summed over all epochs
@@ -418,6 +430,7 @@ class TrainResult:
     epochs: int
     final_train_loss: float  # loss of the last optimizer step's batch
     mean_train_loss: float  # mean of the per-step batch losses over all steps
+    world_size: int = 1  # processes that trained together: 1, or the DDP ranks
 
     def to_dict(self) -> dict:
         """Return the result as a dict of JSON-serialisable values."""
@@ -437,6 +450,7 @@ def train(
     masks: SparsityMasks | None,
     log: logging.Logger,
     progress: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on the batches of ``loader``.
 
@@ -463,11 +477,18 @@ def train(
         device: where to train.
         masks: zero masks to keep, or None to let pruned weights change.
         log: receives one line per epoch: mean loss, samples per second, seconds elapsed.
-        progress: show a tqdm bar per epoch on stderr.
+        progress: show a tqdm bar per epoch on stderr (on rank 0 only in a DDP run).
+        distributed: this process's rank in an initialised process group, or None to train in
+            this process alone. With it, ``model`` is wrapped in ``DistributedDataParallel``,
+            which averages the gradients of all ranks in every backward pass, so the ranks take
+            identical optimizer steps and the masks zero the same positions on every rank.
+            ``loader`` must then draw from a ``DistributedSampler``, and its batches are this
+            rank's share of each global batch. The epoch lines and the result count all ranks.
+            ``model`` itself, not the wrapper, is left trained on every rank.
 
     Raises:
         ValueError: for out-of-range arguments, an empty loader, a batch without ``labels``,
-            or a model that returns no loss.
+            a model that returns no loss, or a DDP run whose loader has no DistributedSampler.
     """
     _check_training_arguments(epochs, learning_rate, weight_decay, warmup_ratio, max_grad_norm)
     steps_per_epoch = len(loader)
@@ -475,12 +496,32 @@ def train(
         raise ValueError("the training loader yields no batches. Check the training data size and batch size.")
     total_steps = epochs * steps_per_epoch
     warmup_steps = math.ceil(warmup_ratio * total_steps)
+    world_size = 1
+    if distributed is not None:
+        if not isinstance(loader.sampler, DistributedSampler):
+            raise ValueError(
+                f"a DDP run needs a loader with a DistributedSampler, got {type(loader.sampler).__name__}"
+            )
+        world_size = distributed.world_size
+        progress = progress and distributed.is_main
 
     model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     hook = masks.hook_optimizer(optimizer) if masks is not None else None
+
+    # DDP: forward through the wrapper, which all-reduces the gradients during backward. The
+    # optimizer and the masks keep working on the parameters of ``model``, which the wrapper
+    # shares. Its constructor broadcasts rank 0's parameters and waits for every rank, so the
+    # ranks also start the clock below together. static_graph=True declares that every step
+    # uses the same parameters. DDP can then train models with parameters that the loss never
+    # reaches, such as the cross-attention of BartForCausalLM, which has no encoder. A model
+    # that uses other parameters in other steps (LayerDrop above 0) makes DDP raise an error.
+    forward_model = model
+    if distributed is not None:
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward_model = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
     log.info(
         "training for %d epoch(s) of %d steps: learning rate %g, %d warmup steps, weight decay %g, "
         "max grad norm %s, masks %s",
@@ -501,13 +542,15 @@ def train(
             epoch_samples = 0
             epoch_steps = 0
             epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+            if distributed is not None:
+                loader.sampler.set_epoch(epoch)  # DDP: a new shuffle each epoch, the same on every rank
             bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", total=steps_per_epoch, unit="step",
                        file=sys.stderr, disable=not progress)
             for batch in bar:
                 batch = _to_device(batch, device)
                 epoch_samples += _batch_size(batch)
 
-                loss = _forward_loss(model, batch)
+                loss = _forward_loss(forward_model, batch)
                 loss.backward()
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -524,8 +567,12 @@ def train(
 
             if epoch_steps == 0:
                 raise ValueError(f"the training loader yielded no batches in epoch {epoch} although its length is {steps_per_epoch}.")
+            if distributed is not None:
+                # DDP: sum the samples and losses of all ranks. This waits for the slowest rank,
+                # so after the last epoch rank 0's clock covers the whole job.
+                epoch_samples, epoch_loss = _sum_over_ranks(epoch_samples, epoch_loss)
             samples += epoch_samples
-            epoch_mean_loss = (epoch_loss / epoch_steps).item()
+            epoch_mean_loss = (epoch_loss / (epoch_steps * world_size)).item()
             total_loss += epoch_loss
             epoch_seconds = time.perf_counter() - epoch_start
             log.info(
@@ -540,15 +587,27 @@ def train(
         if hook is not None:
             hook.remove()
 
+    if distributed is not None:
+        # DDP: the mean of the ranks' last losses is the loss of the last global batch, because
+        # DistributedSampler gives every rank equally many samples and so equally large batches.
+        dist.all_reduce(last_loss)
     return TrainResult(
         train_runtime_s=runtime,
         train_samples=samples,
         train_samples_per_s=samples / runtime,
         steps=step,
         epochs=epochs,
-        final_train_loss=float(last_loss.item()),
-        mean_train_loss=float((total_loss / step).item()),
+        final_train_loss=float(last_loss.item()) / world_size,
+        mean_train_loss=float((total_loss / (step * world_size)).item()),
+        world_size=world_size,
     )
+
+
+def _sum_over_ranks(samples: int, loss_sum: Tensor) -> tuple[int, Tensor]:
+    """Return ``samples`` and ``loss_sum`` summed over all ranks of the default process group."""
+    totals = torch.stack([torch.tensor(float(samples), dtype=torch.float64, device=loss_sum.device), loss_sum])
+    dist.all_reduce(totals)
+    return int(totals[0].item()), totals[1]
 
 
 def _check_training_arguments(

@@ -225,7 +225,7 @@ BENCH_COLUMNS = (
     "sparsity_before", "sparsity_after", "eval_loss", "perplexity", "accuracy",
     "zero_shot_eval_loss", "zero_shot_perplexity", "train_runtime_s", "train_samples_per_s",
     "eval_runtime_s", "train_samples", "eval_samples", "train_tokens", "eval_tokens",
-    "block_size", "device", "seed",
+    "block_size", "device", "world_size", "seed",
 )
 
 

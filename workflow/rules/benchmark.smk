@@ -16,13 +16,17 @@ rule finetune_eval:
         seed=config["finetune"]["seed"],
         keep_masks=config["finetune"]["keep_masks"],
         device=config["finetune"]["device"],
+        # The GPUs the job was given: on CUDA it starts one DDP process per GPU.
+        gpus=lambda wildcards, resources: resources.gpu,
     log:
         "logs/finetune_eval/{task}/{model}/{method}/{sparsity}.log",
     benchmark:
         "logs/finetune_eval/{task}/{model}/{method}/{sparsity}.benchmark.tsv"
     threads: 2
     resources:
-        # Defaults for a cluster profile to override per site; a local run ignores gpu.
+        # Defaults for a cluster profile to override per site. A local run limits jobs by gpu
+        # only when given --resources gpu=N. On CUDA, gpu is also the number of DDP processes
+        # the job starts (capped by the visible GPUs).
         gpu=1,
         mem_mb=16000,
         runtime=240,
