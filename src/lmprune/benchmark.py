@@ -87,6 +87,26 @@ def _training_loader(samples: list, batch_size: int, seed: int, distributed: Dis
                       collate_fn=collate_fn)
 
 
+def _train(model, loader: DataLoader, settings: dict, device: torch.device, masks,
+           distributed: DistributedContext | None) -> finetune.TrainResult:
+    """Fine-tune ``model`` in place with a task's settings block (epochs, learning rate, ...)."""
+    return finetune.train(
+        model, loader, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
+        weight_decay=settings["weight_decay"], warmup_ratio=settings["warmup_ratio"],
+        device=device, masks=masks, log=log, distributed=distributed,
+    )
+
+
+def _add_results(record: dict, trained: finetune.TrainResult, evaluated) -> None:
+    """Copy the training and evaluation results, and the headline run times, into ``record``."""
+    record["train"] = _as_dict(trained)
+    record["eval"] = _as_dict(evaluated)
+    record["eval_loss"] = evaluated.eval_loss
+    record["train_runtime_s"] = trained.train_runtime_s
+    record["train_samples_per_s"] = trained.train_samples_per_s
+    record["eval_runtime_s"] = evaluated.eval_runtime_s
+
+
 def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: dict,
             local_dir: str | None, seed: int, keep_masks: bool, device: torch.device,
             trust_remote_code: bool = False, distributed: DistributedContext | None = None) -> dict | None:
@@ -129,23 +149,14 @@ def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: 
         settings["batch_size"], seed, distributed,
     )
     record["batch_size_per_process"] = loader.batch_size
-    trained = finetune.train(
-        model, loader, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
-        weight_decay=settings["weight_decay"], warmup_ratio=settings["warmup_ratio"],
-        device=device, masks=masks, log=log, distributed=distributed,
-    )
+    trained = _train(model, loader, settings, device, masks, distributed)
     if not is_main:
         return None
     evaluated = finetune.evaluate_causal_lm(model, eval_blocks, batch_size=settings["eval_batch_size"], device=device)
     log.info("fine-tuned CLM eval: loss %.4f, perplexity %.2f", evaluated.eval_loss, evaluated.perplexity)
 
-    record["train"] = _as_dict(trained)
-    record["eval"] = _as_dict(evaluated)
-    record["eval_loss"] = evaluated.eval_loss
     record["perplexity"] = evaluated.perplexity
-    record["train_runtime_s"] = trained.train_runtime_s
-    record["train_samples_per_s"] = trained.train_samples_per_s
-    record["eval_runtime_s"] = evaluated.eval_runtime_s
+    _add_results(record, trained, evaluated)
     return _finish_record(record, tracked, masks, keep_masks, sparsity_before)
 
 
@@ -216,23 +227,14 @@ def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings:
     record["eval_samples"] = len(eval_corpus)
     record["batch_size_per_process"] = train_loader.batch_size
 
-    trained = finetune.train(
-        model, train_loader, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
-        weight_decay=settings["weight_decay"], warmup_ratio=settings["warmup_ratio"],
-        device=device, masks=masks, log=log, distributed=distributed,
-    )
+    trained = _train(model, train_loader, settings, device, masks, distributed)
     if not is_main:
         return None
     evaluated = finetune.evaluate_classification(model, eval_loader, device=device)
     log.info("fine-tuned QNLI eval: accuracy %.4f on %d pairs", evaluated.accuracy, evaluated.eval_samples)
 
-    record["train"] = _as_dict(trained)
-    record["eval"] = _as_dict(evaluated)
     record["accuracy"] = evaluated.accuracy
-    record["eval_loss"] = evaluated.eval_loss
-    record["train_runtime_s"] = trained.train_runtime_s
-    record["train_samples_per_s"] = trained.train_samples_per_s
-    record["eval_runtime_s"] = evaluated.eval_runtime_s
+    _add_results(record, trained, evaluated)
     return _finish_record(record, tracked, masks, keep_masks, sparsity_before)
 
 
