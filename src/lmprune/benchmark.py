@@ -123,9 +123,7 @@ def run_clm(checkpoint: str | Path, family: str, settings: dict, data_settings: 
         The record, or None on DDP ranks other than 0.
     """
     is_main = distributed is None or distributed.is_main
-    finetune.set_seed(seed)
-    model, new_parameter_names = finetune.load_task_model(checkpoint, "clm", family, trust_remote_code)
-    tokenizer = _load_tokenizer(checkpoint)
+    model, new_parameter_names, tokenizer = _load_for_task(checkpoint, "clm", family, trust_remote_code, seed)
     tracked, masks = _prepare(model, new_parameter_names, keep_masks, device)
     sparsity_before = _sparsity(tracked)
 
@@ -192,9 +190,7 @@ def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings:
         The record, or None on DDP ranks other than 0.
     """
     is_main = distributed is None or distributed.is_main
-    finetune.set_seed(seed)
-    model, new_parameter_names = finetune.load_task_model(checkpoint, "qnli", family, trust_remote_code)
-    tokenizer = _load_tokenizer(checkpoint)
+    model, new_parameter_names, tokenizer = _load_for_task(checkpoint, "qnli", family, trust_remote_code, seed)
     if tokenizer.pad_token is None:
         # GPT-2 has no padding token; padding positions are masked out, so EOS serves.
         tokenizer.pad_token = tokenizer.eos_token
@@ -236,6 +232,17 @@ def run_qnli(checkpoint: str | Path, family: str, settings: dict, data_settings:
     record["accuracy"] = evaluated.accuracy
     _add_results(record, trained, evaluated)
     return _finish_record(record, tracked, masks, keep_masks, sparsity_before)
+
+
+def _load_for_task(checkpoint: str | Path, task: str, family: str, trust_remote_code: bool, seed: int):
+    """Seed the run, then load ``checkpoint`` with ``task``'s head and its tokenizer.
+
+    Returns:
+        The model, the names of its newly initialised parameters, and the tokenizer.
+    """
+    finetune.set_seed(seed)
+    model, new_parameter_names = finetune.load_task_model(checkpoint, task, family, trust_remote_code)
+    return model, new_parameter_names, _load_tokenizer(checkpoint)
 
 
 def _load_tokenizer(checkpoint: str | Path):
