@@ -25,6 +25,8 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/benchmark.smk"
+include: "workflow/rules/fidelity.smk"
+include: "workflow/rules/latency.smk"
 include: "workflow/rules/summarize.smk"
 
 

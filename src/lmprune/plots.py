@@ -261,21 +261,51 @@ def _series_label(model: str, method: str, masks_kept: bool, untrained: bool) ->
     return label
 
 
+def with_dense_reference(table: pd.DataFrame) -> pd.DataFrame:
+    """Copy each model's sparsity-0 rows to every method of that model that lacks them.
+
+    The dense model is pruned once, under the first method of the config (see
+    :func:`lmprune.methods.method_sparsities`), but it is the starting point of every method's
+    curve. Returns a new table; the input is not modified.
+    """
+    if table.empty or "sparsity" not in table.columns:
+        return table
+    copies = []
+    for model, rows in table.groupby("model", sort=False):
+        dense = rows[rows["sparsity"] == 0]
+        if dense.empty:
+            continue
+        for method in rows["method"].unique():
+            if not (rows[(rows["method"] == method)]["sparsity"] == 0).any():
+                copies.append(dense.assign(method=method))
+    if not copies:
+        return table
+    return pd.concat([table, *copies], ignore_index=True)
+
+
 def plot_metric_vs_sparsity(
     table: pd.DataFrame, column: str, label: str, path: str | os.PathLike[str], title: str
 ) -> None:
-    """Plot ``column`` of a benchmark table against sparsity and save it to ``path``.
+    """Plot ``column`` of a results table against sparsity and save it to ``path``.
 
-    One line per model and method; runs fine-tuned without masks and untrained test models are
-    labelled as such in the legend. The x axis is sparsity in percent.
+    The table needs the columns ``model``, ``method``, ``sparsity`` (a fraction) and ``column``;
+    ``masks_kept`` and ``untrained`` are read when present. One line per model and method, each
+    starting from the model's dense point (see :func:`with_dense_reference`); a method with a
+    single sparsity (an N:M pattern) shows as markers. Runs fine-tuned without masks and
+    untrained test models are labelled as such in the legend. The x axis is sparsity in percent.
 
     Raises ``ValueError`` when the table has no rows or lacks ``column``.
     """
     if table.empty:
-        raise ValueError(f"no benchmark rows to plot for {title!r}: run the benchmarks first")
+        raise ValueError(f"no rows to plot for {title!r}: run the measurements first")
     if column not in table.columns:
-        raise ValueError(f"benchmark table has no column {column!r}")
+        raise ValueError(f"results table has no column {column!r}")
 
+    table = with_dense_reference(table)
+    table = table.assign(
+        masks_kept=table["masks_kept"] if "masks_kept" in table.columns else True,
+        untrained=table["untrained"] if "untrained" in table.columns else False,
+    )
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = figure.subplots()
     groups = table.groupby(["model", "method", "masks_kept", "untrained"], sort=False, dropna=False)

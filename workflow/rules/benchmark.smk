@@ -36,10 +36,7 @@ rule finetune_eval:
 
 rule table_bench:
     input:
-        expand(
-            "results/bench/{task}/{model}/{method}/{sparsity}.json",
-            task=TASKS, model=MODELS, method=METHODS, sparsity=SPARSITIES,
-        ),
+        [path for task in TASKS for path in expand_runs("results/bench/{task}/{model}/{method}/{sparsity}.json", task=task)],
     output:
         "results/tables/bench.csv",
     log:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lmprune.config
 from lmprune.config import sparsity_from_label, sparsity_label
+from lmprune.methods import method_sparsities, method_spec
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -18,15 +19,28 @@ except lmprune.config.ConfigError as error:
 
 MODELS = {model["name"]: model for model in config["models"]}
 METHODS = config["methods"]
-SPARSITIES = [sparsity_label(sparsity) for sparsity in config["sparsities"]]
 TASKS = config["tasks"]
+FIDELITY = config["fidelity"]["enabled"]
+LATENCY = config["latency"]["enabled"]
+
+# Every (model, method, sparsity label) the run prunes: the dense model once, under the first
+# method, and N:M methods only at the sparsity their pattern sets.
+RUNS = [
+    (model, method, sparsity_label(sparsity))
+    for model in MODELS
+    for method, sparsity in method_sparsities(METHODS, config["sparsities"])
+]
+CALIBRATED = any(method_spec(method).calibrated for method in METHODS)
+
+# The data sets the run reads: calibration and fidelity read the CLM text.
+DATA_TASKS = sorted(set(TASKS) | ({"clm"} if CALIBRATED or FIDELITY else set()))
 
 # Local copies of the benchmark data instead of the hub: LMPRUNE_DATA_DIR wins over the config.
 DATA_DIR = os.environ.get("LMPRUNE_DATA_DIR") or config["data"]["local_dir"] or None
-if DATA_DIR and TASKS:
+if DATA_DIR and DATA_TASKS:
     DATA_DIR = str(Path(DATA_DIR).expanduser().resolve())
     try:
-        lmprune.config.check_data_dir(DATA_DIR, TASKS)
+        lmprune.config.check_data_dir(DATA_DIR, DATA_TASKS)
     except lmprune.config.ConfigError as error:
         raise WorkflowError(f"Invalid data folder: {error}") from None
 
@@ -37,6 +51,16 @@ BENCH_FIGURES = {
     "clm_train_runtime": {"task": "clm", "column": "train_runtime_s", "label": "training run time (s)"},
     "qnli_accuracy": {"task": "qnli", "column": "accuracy", "label": "QNLI accuracy"},
     "qnli_train_runtime": {"task": "qnli", "column": "train_runtime_s", "label": "training run time (s)"},
+}
+
+# Zero-shot fidelity and latency figures: file name -> the table column plotted and the axis label.
+FIDELITY_FIGURES = {
+    "fidelity_relative_error": {"column": "relative_error", "label": "relative error of final hidden states"},
+    "fidelity_cosine": {"column": "cosine", "label": "cosine of mean-pooled embeddings"},
+}
+LATENCY_FIGURES = {
+    "latency_speedup": {"column": "speedup", "label": "speed-up over the dense model (x)"},
+    "latency_ms": {"column": "latency_ms", "label": "median latency per batch (ms)"},
 }
 
 
@@ -67,9 +91,16 @@ def checkpoint_input(wildcards):
     return checkpoint_folder(wildcards.model, wildcards.method, wildcards.sparsity)
 
 
-def expand_runs(pattern):
-    """Expand a path pattern over every model, method and sparsity of the config."""
-    return expand(pattern, model=MODELS, method=METHODS, sparsity=SPARSITIES)
+def expand_runs(pattern, **fixed):
+    """Expand a path pattern over RUNS; ``fixed`` fills other wildcards (such as task)."""
+    return [pattern.format(model=model, method=method, sparsity=sparsity, **fixed) for model, method, sparsity in RUNS]
+
+
+def calibration_input(wildcards):
+    """The prune rule's data input: the CLM data record for methods that calibrate."""
+    if method_spec(wildcards.method).calibrated:
+        return {"data": "results/data/clm.json"}
+    return {}
 
 
 def all_targets():
@@ -85,6 +116,10 @@ def all_targets():
         targets += [
             f"results/figures/{name}.png" for name, figure in BENCH_FIGURES.items() if figure["task"] in TASKS
         ]
+    if FIDELITY:
+        targets += ["results/tables/fidelity.csv"] + [f"results/figures/{name}.png" for name in FIDELITY_FIGURES]
+    if LATENCY:
+        targets += ["results/tables/latency.csv"] + [f"results/figures/{name}.png" for name in LATENCY_FIGURES]
     if config["keep_checkpoints"]:
         targets += expand_runs(checkpoint_folder("{model}", "{method}", "{sparsity}"))
     return targets

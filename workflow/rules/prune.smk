@@ -4,6 +4,7 @@
 
 rule prune:
     input:
+        unpack(calibration_input),
         source="results/models/{model}.json",
     output:
         checkpoint=checkpoint_output(),
@@ -12,6 +13,11 @@ rule prune:
         include_embeddings=config["pruning"]["include_embeddings"],
         trust_remote_code=lambda wildcards: model_entry(wildcards)["trust_remote_code"],
         family=lambda wildcards: model_entry(wildcards)["family"],
+        seed=config["pruning"]["seed"],
+        calibration=config["pruning"]["calibration"],
+        sparsegpt=config["pruning"]["sparsegpt"],
+        data_settings=config["data"]["clm"],
+        local_dir=DATA_DIR,
     log:
         "logs/prune/{model}/{method}/{sparsity}.log",
     benchmark:

@@ -1,0 +1,1 @@
+# Inference latency and throughput of each checkpoint against the dense source model.
