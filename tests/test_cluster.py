@@ -248,6 +248,8 @@ def write_tiny_config(folder: Path, model: Path) -> Path:
         "sparsities": [0.5],
         "sizes": {"codecs": FAST_CODECS},
         "tasks": [],
+        "fidelity": {"enabled": False},
+        "latency": {"enabled": False},
     }
     path.write_text(yaml.safe_dump(config))
     return path

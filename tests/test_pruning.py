@@ -109,8 +109,9 @@ def count_zeros(tensors):
 # prunable_weights
 
 
-def test_pruning_methods_names():
-    assert PRUNING_METHODS == ("magnitude",)
+def test_pruning_methods_start_with_the_study_baseline():
+    assert PRUNING_METHODS[0] == "magnitude"
+    assert {"random", "magnitude-layer", "wanda", "sparsegpt", "wanda-2of4", "structured-ffn"} <= set(PRUNING_METHODS)
 
 
 def test_prunable_weights_gpt2_includes_conv1d():
@@ -252,8 +253,13 @@ def test_prune_model_report_is_json_ready():
         "num_weights",
         "num_pruned",
         "sparsity_achieved",
+        "scope",
+        "model_sparsity",
         "tensors",
+        "details",
     }
+    assert decoded["scope"] == "prunable"
+    assert decoded["model_sparsity"] == decoded["sparsity_achieved"]
 
 
 def test_prune_model_prunes_gpt2_conv1d():
@@ -332,8 +338,8 @@ def test_prune_model_keeps_forward_working():
 
 
 def test_prune_model_rejects_unknown_method():
-    with pytest.raises(ValueError, match=r"'random'.*magnitude"):
-        prune_model(make_gpt2(), "random", 0.5)
+    with pytest.raises(ValueError, match=r"'obd'.*magnitude"):
+        prune_model(make_gpt2(), "obd", 0.5)
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, math.nan, True, "0.5"])

@@ -21,9 +21,15 @@ FAST_CODECS = {"gzip": 1, "bz2": 1, "xz": 0, "zstd": 1}
 
 
 def write_config(folder: Path, **settings) -> Path:
-    """Write a config that overrides config/config.yaml; benchmarks are off unless given."""
+    """Write a config that overrides config/config.yaml; benchmarks, fidelity and latency are off unless given."""
     path = folder / "test-config.yaml"
-    path.write_text(yaml.safe_dump({"sizes": {"codecs": FAST_CODECS}, "tasks": [], **settings}))
+    defaults = {
+        "sizes": {"codecs": FAST_CODECS},
+        "tasks": [],
+        "fidelity": {"enabled": False},
+        "latency": {"enabled": False},
+    }
+    path.write_text(yaml.safe_dump(defaults | settings))
     return path
 
 

@@ -25,8 +25,10 @@ _BASES = {
 N_M_PATTERNS = ((2, 4), (4, 8))
 _N_M_BASES = ("magnitude", "wanda", "sparsegpt")
 
-METHOD_NAMES = tuple(_BASES) + tuple(
-    f"{base}-{kept}of{group}" for base in _N_M_BASES for kept, group in N_M_PATTERNS
+METHOD_NAMES = (
+    tuple(base for base in _BASES if base != "structured-ffn")
+    + tuple(f"{base}-{kept}of{group}" for base in _N_M_BASES for kept, group in N_M_PATTERNS)
+    + ("structured-ffn",)
 )
 
 _N_M_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<kept>\d+)of(?P<group>\d+)$")

@@ -1,4 +1,9 @@
-"""Global unstructured magnitude pruning of transformer language models.
+"""Pruning of transformer language models: global magnitude, per-matrix methods and dispatch.
+
+:func:`prune_model` is the entry point for every method of :mod:`lmprune.methods`. This module
+implements the methods that act on every prunable weight (global ``magnitude``,
+``magnitude-layer`` and ``random``); the layer-wise methods (Wanda, SparseGPT, N:M,
+``structured-ffn``) live in :mod:`lmprune.calibration`.
 
 The prunable set of a model is every weight matrix of ``nn.Linear``, of
 ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, stored as
@@ -31,6 +36,9 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from lmprune import masks
+from lmprune.methods import METHOD_NAMES, method_spec
+
 __all__ = [
     "PRUNING_METHODS",
     "GlobalThreshold",
@@ -42,7 +50,7 @@ __all__ = [
     "prune_model",
 ]
 
-PRUNING_METHODS = ("magnitude",)
+PRUNING_METHODS = METHOD_NAMES
 
 DEFAULT_CHUNK_NUMEL = 2**24
 
@@ -76,20 +84,31 @@ class GlobalThreshold:
 class PruningReport:
     """Summary of one :func:`prune_model` call.
 
-    ``num_pruned`` counts the weights selected by the mask, including weights
-    that were already zero. ``sparsity_achieved`` is measured after pruning as
-    zeros / ``num_weights``, so it exceeds ``sparsity_target`` when more than
-    ``num_pruned`` weights were zero beforehand. Each entry of ``tensors`` has the
-    keys ``name``, ``shape``, ``numel``, ``zeros`` and ``sparsity``.
+    ``scope`` names the weights the method acts on: ``"prunable"`` (every weight of
+    :func:`prunable_weights`), ``"layers"`` (the Linear and Conv1D weights inside the
+    transformer layers) or ``"ffn"`` (the FFN weights, for ``structured-ffn``). ``num_weights`` counts the weights in scope and
+    ``sparsity_achieved`` is zeros / ``num_weights`` after pruning, so it exceeds
+    ``sparsity_target`` when weights were zero beforehand. ``num_pruned`` counts the
+    weights selected by global magnitude's mask (including weights already zero) and,
+    for the other methods, the zeros added. ``threshold`` is global magnitude's boundary
+    value and None for the other methods. ``model_sparsity`` is the fraction of zeros
+    over all of :func:`prunable_weights`, the same set for every method. For
+    ``structured-ffn``, ``num_weights`` counts the FFN weights before pruning,
+    ``num_pruned`` those removed, and ``tensors`` lists the layer weights left. Each entry of ``tensors`` has the keys ``name``,
+    ``shape``, ``numel``, ``zeros`` and ``sparsity``; ``details`` holds what the method
+    reports besides (calibration, per-layer records, the structured report).
     """
 
     method: str
     sparsity_target: float
-    threshold: float
+    threshold: float | None
     num_weights: int
     num_pruned: int
     sparsity_achieved: float
+    scope: str = "prunable"
+    model_sparsity: float | None = None
     tensors: list[dict] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Return the report as a dict of JSON-serialisable values."""
@@ -263,23 +282,76 @@ def measure_sparsity(named_weights: Iterable[tuple[str, Tensor]]) -> tuple[int, 
     return total_zeros, total_numel, tensors
 
 
-def prune_model(model: nn.Module, method: str, sparsity: float, include_embeddings: bool = True) -> PruningReport:
-    """Prune the weights of :func:`prunable_weights` in ``model`` in place.
+def prune_model(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    include_embeddings: bool = True,
+    *,
+    seed: int = 0,
+    windows: Tensor | None = None,
+    settings=None,
+) -> PruningReport:
+    """Prune ``model`` in place with ``method`` at ``sparsity`` and report what was done.
 
-    ``method`` is one of :data:`PRUNING_METHODS`. ``"magnitude"`` is global
-    unstructured L1 pruning: the ``round(sparsity * N)`` weights with the smallest
-    ``|w|`` over all ``N`` prunable weights become zero. Pruned values are
-    written into the parameters, so no masks or forward hooks are added and the
-    model saves like any dense model.
+    ``method`` is one of :data:`PRUNING_METHODS`:
+
+    - ``"magnitude"``: global unstructured L1 pruning; the ``round(sparsity * N)``
+      weights with the smallest ``|w|`` over all ``N`` prunable weights become zero.
+    - ``"magnitude-layer"``: the same with ``round(sparsity * n)`` weights in each matrix
+      of ``n`` weights.
+    - ``"random"``: ``round(sparsity * n)`` uniformly random weights in each matrix, drawn
+      from a generator seeded with ``seed``.
+    - the layer-wise methods (Wanda, SparseGPT, N:M patterns, ``structured-ffn``), which
+      act on the transformer layers only; see :func:`lmprune.calibration.prune_layers`.
+      Calibrated ones need ``windows`` (token ids, shape [samples, seq_length]);
+      ``settings`` is a :class:`lmprune.calibration.CalibrationSettings`.
+
+    At sparsity 0 no weight changes, whatever the method. An N:M method accepts only
+    sparsity 0 and the sparsity its pattern sets (0.5 for 2:4). Pruned values are written
+    into the parameters, so no masks or forward hooks are added and the model saves like
+    any dense model.
 
     Raises:
-        ValueError: for an unknown ``method``, a ``sparsity`` outside ``[0, 1)``,
-            or NaN weights.
+        ValueError: for an unknown ``method``, a ``sparsity`` outside ``[0, 1)`` or not the
+            one an N:M pattern sets, or NaN weights.
         TypeError: for prunable weights that are not float32, float16 or bfloat16.
     """
-    if method not in _PRUNERS:
-        raise ValueError(f"unknown pruning method {method!r}. Valid methods: {', '.join(PRUNING_METHODS)}")
-    return _PRUNERS[method](model, sparsity, include_embeddings)
+    spec = method_spec(method)
+    _check_sparsity(sparsity)
+    if spec.fixed_sparsity is not None and sparsity not in (0, spec.fixed_sparsity):
+        raise ValueError(
+            f"method {method} keeps {spec.kept} of every {spec.group} weights, which is sparsity "
+            f"{spec.fixed_sparsity:g}, not {sparsity:g}. Use sparsity {spec.fixed_sparsity:g} (label "
+            f"s{100 * spec.fixed_sparsity:g}) with {method}."
+        )
+
+    if spec.base == "magnitude" and spec.group is None:
+        report = _prune_magnitude(model, sparsity, include_embeddings)
+    elif sparsity == 0:
+        report = _report(model, method, sparsity, prunable_weights(model, include_embeddings), 0, "prunable")
+    elif spec.layerwise:
+        report = _prune_layers(model, spec, sparsity, windows, settings)
+    else:
+        report = _prune_per_matrix(model, spec.base, sparsity, include_embeddings, seed)
+    report.model_sparsity = measure_sparsity(prunable_weights(model, include_embeddings))[0] / max(
+        1, sum(weight.numel() for _, weight in prunable_weights(model, include_embeddings))
+    )
+    return report
+
+
+def _report(model, method, sparsity, named_weights, num_pruned, scope, threshold=None) -> PruningReport:
+    zeros, numel, tensors = measure_sparsity(named_weights)
+    return PruningReport(
+        method=method,
+        sparsity_target=float(sparsity),
+        threshold=threshold,
+        num_weights=numel,
+        num_pruned=num_pruned,
+        sparsity_achieved=zeros / numel if numel else 0.0,
+        scope=scope,
+        tensors=tensors,
+    )
 
 
 def _prune_magnitude(model: nn.Module, sparsity: float, include_embeddings: bool) -> PruningReport:
@@ -289,19 +361,62 @@ def _prune_magnitude(model: nn.Module, sparsity: float, include_embeddings: bool
 
     threshold = find_global_threshold(weights, sparsity, names=names)
     pruned_per_tensor = apply_global_threshold_(weights, threshold)
-    zeros, numel, tensors = measure_sparsity(named_weights)
-    return PruningReport(
-        method="magnitude",
-        sparsity_target=float(sparsity),
-        threshold=threshold.threshold,
-        num_weights=numel,
-        num_pruned=sum(pruned_per_tensor),
-        sparsity_achieved=zeros / numel if numel else 0.0,
-        tensors=tensors,
-    )
+    return _report(model, "magnitude", sparsity, named_weights, sum(pruned_per_tensor), "prunable", threshold.threshold)
 
 
-_PRUNERS = {"magnitude": _prune_magnitude}
+@torch.no_grad()
+def _prune_per_matrix(model: nn.Module, base: str, sparsity: float, include_embeddings: bool, seed: int) -> PruningReport:
+    """Prune every prunable matrix to the same sparsity, by magnitude (magnitude-layer) or at random."""
+    named_weights = prunable_weights(model, include_embeddings)
+    zeros_before = measure_sparsity(named_weights)[0]
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in named_weights:
+        _check_dtype(name, weight)
+        if base == "random":
+            mask = masks.random_mask(weight.shape, sparsity, generator).to(weight.device)
+        else:
+            mask = masks.lowest_mask(weight.detach().abs().float(), sparsity)
+        weight.masked_fill_(mask, 0)
+    report = _report(model, base, sparsity, named_weights, 0, "prunable")
+    report.num_pruned = round(report.sparsity_achieved * report.num_weights) - zeros_before
+    report.details = {"seed": seed} if base == "random" else {}
+    return report
+
+
+def _prune_layers(model: nn.Module, spec, sparsity: float, windows: Tensor | None, settings) -> PruningReport:
+    """Prune with a layer-wise method: Wanda, SparseGPT, N:M or structured-ffn."""
+    from lmprune import calibration
+
+    settings = settings or calibration.CalibrationSettings()
+
+    def layer_weights():
+        return [
+            (f"{stack_name}.{index}.{name}", module.weight)
+            for stack_name, stack in calibration.layer_stacks(model)
+            for index, layer in enumerate(stack)
+            for name, module in calibration.layer_linears(layer)
+        ]
+
+    zeros_before = measure_sparsity(layer_weights())[0]
+    ffn_weights_before = _ffn_weights(model) if spec.structured else 0
+    details = calibration.prune_layers(model, spec, sparsity, windows, settings)
+    report = _report(model, spec.name, sparsity, layer_weights(), 0, "layers")
+    if spec.structured:
+        # Removed, not zeroed: the share of the FFN weights that are gone.
+        report.scope = "ffn"
+        report.num_weights = ffn_weights_before
+        report.num_pruned = ffn_weights_before - _ffn_weights(model)
+        report.sparsity_achieved = report.num_pruned / ffn_weights_before
+    else:
+        report.num_pruned = round(report.sparsity_achieved * report.num_weights) - zeros_before
+    report.details = details
+    return report
+
+
+def _ffn_weights(model: nn.Module) -> int:
+    from lmprune.structured import ffn_blocks
+
+    return sum(block.up.weight.numel() + block.down.weight.numel() for block in ffn_blocks(model))
 
 
 def _check_sparsity(sparsity: float) -> None:

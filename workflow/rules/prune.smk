@@ -22,5 +22,9 @@ rule prune:
         "logs/prune/{model}/{method}/{sparsity}.log",
     benchmark:
         "logs/prune/{model}/{method}/{sparsity}.benchmark.tsv"
+    resources:
+        # Calibrated methods (wanda, sparsegpt, structured-ffn) run each layer on a GPU when one
+        # is there; the others need none.
+        gpu=lambda wildcards: 1 if method_spec(wildcards.method).calibrated else 0,
     script:
         "../scripts/prune.py"

@@ -2,7 +2,13 @@
 
 import json
 
+from transformers import AutoTokenizer
+
+from lmprune import data
+from lmprune.calibration import CalibrationSettings, calibration_windows
+from lmprune.finetune import pick_device
 from lmprune.jobs import environment, start_job
+from lmprune.methods import method_spec
 from lmprune.models import is_untrained, load_model, save_checkpoint
 from lmprune.pruning import prune_model
 
@@ -10,6 +16,7 @@ log = start_job(snakemake.log[0], snakemake.threads)
 model_name = snakemake.wildcards.model
 method = snakemake.wildcards.method
 sparsity = snakemake.params.sparsity
+spec = method_spec(method)
 
 with open(snakemake.input.source) as handle:
     source = json.load(handle)
@@ -19,11 +26,37 @@ untrained = is_untrained(model)
 if untrained:
     log.warning("UNTRAINED: %s has random weights (a test model); its metrics mean nothing", model_name)
 
+windows = None
+calibration = snakemake.params.calibration
+settings = CalibrationSettings(
+    batch_size=calibration["batch_size"],
+    device=pick_device(calibration["device"]),
+    block_size=snakemake.params.sparsegpt["block_size"],
+    dampening=snakemake.params.sparsegpt["dampening"],
+)
+calibration_record = None
+if spec.calibrated and sparsity > 0:
+    train, _ = data.load_clm_corpora(snakemake.params.data_settings, snakemake.params.local_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source["folder"])
+    windows = calibration_windows(
+        tokenizer, train.texts, calibration["samples"], calibration["seq_length"], snakemake.params.seed,
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+    )
+    calibration_record = {**calibration, "device": str(settings.device), "seed": snakemake.params.seed, "text": train.provenance}
+    log.info(
+        "calibrating %s on %d windows of %d tokens from %s, layer by layer on %s",
+        model_name, windows.shape[0], windows.shape[1], train.provenance.get("path") or train.provenance.get("hub"), settings.device,
+    )
+
 log.info("pruning %s with %s to sparsity %s", model_name, method, sparsity)
-report = prune_model(model, method, sparsity, include_embeddings=snakemake.params.include_embeddings)
+report = prune_model(
+    model, method, sparsity, include_embeddings=snakemake.params.include_embeddings,
+    seed=snakemake.params.seed, windows=windows, settings=settings,
+)
 log.info(
-    "pruned %s: %d of %d prunable weights are zero (sparsity %.6f, threshold |w| = %.6g)",
-    model_name, report.num_pruned, report.num_weights, report.sparsity_achieved, report.threshold,
+    "pruned %s with %s: %d of %d weights in scope %r are zero or removed (sparsity %.6f; %.6f over all prunable weights)",
+    model_name, method, round(report.sparsity_achieved * report.num_weights), report.num_weights, report.scope,
+    report.sparsity_achieved, report.model_sparsity,
 )
 
 metadata = {
@@ -36,6 +69,8 @@ metadata = {
     "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
     "include_embeddings": snakemake.params.include_embeddings,
     "trust_remote_code": snakemake.params.trust_remote_code,
+    "calibration": calibration_record,
+    "sparsegpt": snakemake.params.sparsegpt if spec.base == "sparsegpt" else None,
     **report.to_dict(),
     "environment": environment(),
 }
