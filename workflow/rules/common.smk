@@ -69,7 +69,7 @@ wildcard_constraints:
     method="|".join(map(re.escape, METHODS)),
     # s0, s5, s50, s87.5: digits only, so a label never runs into the suffix of a figure name.
     sparsity=r"s\d+(\.\d+)?",
-    task="|".join(TASKS) or "clm|qnli",
+    task="clm|qnli",
     figure="|".join(BENCH_FIGURES),
 
 
