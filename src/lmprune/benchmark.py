@@ -320,7 +320,7 @@ def run_job(job: dict, device: torch.device, distributed: DistributedContext | N
             "world_size": distributed.world_size if distributed is not None else 1,
             "backend": distributed.backend if distributed is not None else None,
             **record,
-            "environment": {**environment(), "device": str(device)},
+            "environment": environment(device),
         },
     )
     log.info("wrote %s", job["output"])

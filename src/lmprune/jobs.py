@@ -50,8 +50,8 @@ def start_job(
     return logging.getLogger("lmprune")
 
 
-def environment() -> dict:
-    """Return the host, device and library versions a result was produced with."""
+def environment(device: str = "cpu") -> dict:
+    """Return the host, ``device`` and library versions a result was produced with."""
     versions = {}
     for package in _PACKAGES:
         try:
@@ -61,7 +61,7 @@ def environment() -> dict:
     return {
         "host": socket.gethostname(),
         "python": platform.python_version(),
-        "device": "cpu",
+        "device": str(device),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),

@@ -298,7 +298,15 @@ def save_checkpoint(
     return has_tokenizer
 
 
+# Files that hold a tokenizer; transformers 5 builds a stub of special tokens from a folder
+# without any, so their presence is checked first.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 def _copy_tokenizer(source_folder: Path, output_folder: Path) -> bool:
+    if not any((source_folder / name).is_file() for name in _TOKENIZER_FILES):
+        log.warning("no tokenizer saved: %s has none of %s", source_folder, ", ".join(_TOKENIZER_FILES))
+        return False
     try:
         tokenizer = AutoTokenizer.from_pretrained(source_folder)
     except (OSError, ValueError) as error:

@@ -72,7 +72,7 @@ metadata = {
     "calibration": calibration_record,
     "sparsegpt": snakemake.params.sparsegpt if spec.base == "sparsegpt" else None,
     **report.to_dict(),
-    "environment": environment(),
+    "environment": environment(settings.device if calibration_record else "cpu"),
 }
 has_tokenizer = save_checkpoint(model, source["folder"], snakemake.output.checkpoint, metadata={"pruning.json": metadata})
 log.info("saved %s (tokenizer: %s)", snakemake.output.checkpoint, "yes" if has_tokenizer else "none in source")
