@@ -231,3 +231,22 @@ def test_structured_ffn_reports_the_removed_share_of_ffn_weights(maker):
         width["width_before"] - width["width_after"] for width in report.details["structured"]["stacks"].values()
         for _ in width["layers"]
     )
+
+
+def test_figures_start_every_method_from_the_dense_point():
+    import pandas as pd
+
+    from lmprune.plots import with_dense_reference
+
+    table = pd.DataFrame({
+        "model": ["m", "m", "m", "m"],
+        "method": ["magnitude", "magnitude", "wanda", "wanda-2of4"],
+        "sparsity": [0.0, 0.5, 0.5, 0.5],
+        "accuracy": [0.8, 0.6, 0.7, 0.65],
+    })
+
+    completed = with_dense_reference(table)
+
+    dense = completed[completed["sparsity"] == 0].set_index("method")["accuracy"]
+    assert dense.to_dict() == {"magnitude": 0.8, "wanda": 0.8, "wanda-2of4": 0.8}
+    assert len(table) == 4
