@@ -7,12 +7,15 @@ from transformers import AutoTokenizer
 from lmprune import data
 from lmprune.calibration import CalibrationSettings, calibration_windows
 from lmprune.finetune import pick_device
+from lmprune.gpus import claim_gpu
 from lmprune.jobs import environment, start_job
 from lmprune.methods import method_spec
 from lmprune.models import is_untrained, load_model, save_checkpoint
 from lmprune.pruning import prune_model
 
 log = start_job(snakemake.log[0], snakemake.threads)
+# Before CUDA starts, so that calibration jobs packed onto one multi-GPU node each get their own GPU.
+claim_gpu(snakemake.resources.gpu)
 model_name = snakemake.wildcards.model
 method = snakemake.wildcards.method
 sparsity = snakemake.params.sparsity
