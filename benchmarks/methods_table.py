@@ -61,7 +61,7 @@ def _number(value, digits: int, suffix: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="the run folder (holds results/tables/)")
+    parser.add_argument("folder", type=Path, help="the run folder (contains results/tables/)")
     parser.add_argument("--sparsities", type=float, nargs="*", help="only these sparsities (fractions)")
     arguments = parser.parse_args()
 

@@ -208,7 +208,7 @@ def test_calibration_windows_wrap_text_in_special_tokens(minilm_folder):
     assert not torch.equal(windows, calibration_windows(tokenizer, texts, 8, 32, seed=1))
 
 
-def test_calibration_windows_name_the_setting_when_text_is_short(minilm_folder):
+def test_calibration_windows_short_text(minilm_folder):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder)
@@ -219,7 +219,7 @@ def test_calibration_windows_name_the_setting_when_text_is_short(minilm_folder):
 
 
 @pytest.mark.parametrize("maker", MAKERS.values(), ids=MAKERS.keys())
-def test_structured_ffn_reports_the_removed_share_of_ffn_weights(maker):
+def test_structured_ffn_report(maker):
     model = maker()
     parameters_before = sum(parameter.numel() for parameter in model.parameters())
     report = prune_model(model, "structured-ffn", 0.5, windows=windows_for(model), settings=CalibrationSettings(batch_size=4))

@@ -289,6 +289,10 @@ def save_checkpoint(
         has_tokenizer = _copy_tokenizer(Path(source_folder), staging)
         for file_name, content in (metadata or {}).items():
             (staging / file_name).write_text(json.dumps(content, indent=2) + "\n")
+        # safetensors writes its file with mode 0600; give every file the mode of a normal open().
+        for path in staging.iterdir():
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
         if output_folder.exists():
             shutil.rmtree(output_folder)
         os.replace(staging, output_folder)

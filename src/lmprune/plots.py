@@ -29,6 +29,8 @@ _RECORD_KEYS = ("model", "method", "sparsity", "weights_bytes", "codecs")
 # Fixed colour per codec, so the same codec has the same colour in every figure.
 _CODEC_COLORS = {RAW: "black"} | {codec: f"C{i}" for i, codec in enumerate(CODECS)}
 _METHOD_LINESTYLES = ("-", "--", ":", "-.")
+# Markers cycle with a length prime to the line styles', so up to 36 methods look different.
+_METHOD_MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P")
 _BYTES_PER_MB = 1e6
 
 
@@ -131,7 +133,7 @@ def _line_style(codec: str, method_index: int) -> dict[str, Any]:
     return {
         "color": _CODEC_COLORS.get(codec, "0.5"),
         "linestyle": _METHOD_LINESTYLES[method_index % len(_METHOD_LINESTYLES)],
-        "marker": "o",
+        "marker": _METHOD_MARKERS[method_index % len(_METHOD_MARKERS)],
         "markersize": 3,
     }
 
@@ -158,27 +160,27 @@ def _draw_size_panel(ax: Any, rows: pd.DataFrame, methods: list[Any], codecs: li
 def _add_size_legend(
     figure: Figure, table: pd.DataFrame, methods: list[Any], codecs: list[str]
 ) -> None:
-    """Add one legend below all panels, with a column per codec and a row per method.
+    """Add one legend below all panels: the codecs' colours, then the methods' line styles.
 
-    A shared legend outside the panels hides no line. Legends fill column by column, so
-    the entries are listed codec by codec to put each method on its own row.
+    A shared legend outside the panels hides no line. Listing codecs and methods apart keeps
+    the legend inside the figure's width, where one entry per (codec, method) pair would not.
     """
-    present = set(zip(table["codec"], table["method"]))
-    handles = []
-    labels = []
-    for codec in codecs:
-        for method_index, method in enumerate(methods):
-            if (codec, method) not in present:
-                continue
-            handles.append(Line2D([], [], **_line_style(codec, method_index)))
-            labels.append(codec if len(methods) == 1 else f"{codec}, {method}")
+    present = set(table["codec"])
+    handles = [
+        Line2D([], [], color=_CODEC_COLORS.get(codec, "0.5"), marker="o", markersize=3)
+        for codec in codecs if codec in present
+    ]
+    labels = [codec for codec in codecs if codec in present]
+    if len(methods) > 1:
+        handles += [Line2D([], [], **(_line_style(RAW, index) | {"color": "0.4"})) for index in range(len(methods))]
+        labels += [f"method: {method}" for method in methods]
     figure.legend(
         handles,
         labels,
         loc="outside lower center",
-        ncols=len(codecs),
+        ncols=min(len(labels), 3),
         fontsize="small",
-        title="codec" if len(methods) == 1 else "codec, method",
+        title="codec" if len(methods) == 1 else "colour: codec, line: method",
     )
 
 
@@ -196,6 +198,7 @@ def plot_size_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike[str]) -> 
     a duplicated (model, method, sparsity, codec) row.
     """
     _validate_size_table(table)
+    table = with_dense_reference(table)
 
     models = list(dict.fromkeys(table["model"]))
     methods = list(dict.fromkeys(table["method"]))
@@ -204,7 +207,9 @@ def plot_size_vs_sparsity(table: pd.DataFrame, path: str | os.PathLike[str]) -> 
     columns = min(len(models), 3)
     rows = math.ceil(len(models) / columns)
     width = max(4.8 * columns, 6.4)
-    height = 3.6 * rows + 0.6 + 0.3 * len(methods)  # panels, title and one legend row per method
+    # Panels, title, and the legend's rows of three entries (codecs, then methods).
+    entries = len(codecs) + (len(methods) if len(methods) > 1 else 0)
+    height = 3.6 * rows + 0.9 + 0.25 * math.ceil(entries / 3)
     figure = Figure(figsize=(width, height), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
 

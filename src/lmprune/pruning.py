@@ -391,7 +391,7 @@ def _prune_layers(model: nn.Module, spec, sparsity: float, windows: Tensor | Non
 
     def layer_weights():
         return [
-            (f"{stack_name}.{index}.{name}", module.weight)
+            (f"{stack_name}.{index}.{name}.weight", module.weight)
             for stack_name, stack in calibration.layer_stacks(model)
             for index, layer in enumerate(stack)
             for name, module in calibration.layer_linears(layer)

@@ -96,6 +96,16 @@ def expand_runs(pattern, **fixed):
     return [pattern.format(model=model, method=method, sparsity=sparsity, **fixed) for model, method, sparsity in RUNS]
 
 
+def method_reads(wildcards, setting):
+    """Whether the method of ``wildcards`` reads ``seed``, ``calibration`` or ``sparsegpt`` settings."""
+    spec = method_spec(wildcards.method)
+    if setting == "seed":
+        return spec.calibrated or spec.base == "random"
+    if setting == "calibration":
+        return spec.calibrated
+    return spec.base == "sparsegpt"
+
+
 def calibration_input(wildcards):
     """The prune rule's data input: the CLM data record for methods that calibrate."""
     if method_spec(wildcards.method).calibrated:

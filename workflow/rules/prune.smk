@@ -13,11 +13,13 @@ rule prune:
         include_embeddings=config["pruning"]["include_embeddings"],
         trust_remote_code=lambda wildcards: model_entry(wildcards)["trust_remote_code"],
         family=lambda wildcards: model_entry(wildcards)["family"],
-        seed=config["pruning"]["seed"],
-        calibration=config["pruning"]["calibration"],
-        sparsegpt=config["pruning"]["sparsegpt"],
-        data_settings=config["data"]["clm"],
-        local_dir=DATA_DIR,
+        # Each method gets only the settings it reads, so changing the calibration settings
+        # does not re-run magnitude pruning.
+        seed=lambda wildcards: config["pruning"]["seed"] if method_reads(wildcards, "seed") else None,
+        calibration=lambda wildcards: config["pruning"]["calibration"] if method_reads(wildcards, "calibration") else None,
+        sparsegpt=lambda wildcards: config["pruning"]["sparsegpt"] if method_reads(wildcards, "sparsegpt") else None,
+        data_settings=lambda wildcards: config["data"]["clm"] if method_reads(wildcards, "calibration") else None,
+        local_dir=lambda wildcards: DATA_DIR if method_reads(wildcards, "calibration") else None,
     log:
         "logs/prune/{model}/{method}/{sparsity}.log",
     benchmark:

@@ -29,14 +29,15 @@ untrained = is_untrained(model)
 if untrained:
     log.warning("UNTRAINED: %s has random weights (a test model); its metrics mean nothing", model_name)
 
-windows = None
+# The rule passes calibration and sparsegpt settings only to the methods that read them.
 calibration = snakemake.params.calibration
+sparsegpt = snakemake.params.sparsegpt or {}
 settings = CalibrationSettings(
-    batch_size=calibration["batch_size"],
-    device=pick_device(calibration["device"]),
-    block_size=snakemake.params.sparsegpt["block_size"],
-    dampening=snakemake.params.sparsegpt["dampening"],
+    batch_size=calibration["batch_size"] if calibration else 1,
+    device=pick_device(calibration["device"]) if calibration else pick_device("cpu"),
+    **({"block_size": sparsegpt["block_size"], "dampening": sparsegpt["dampening"]} if sparsegpt else {}),
 )
+windows = None
 calibration_record = None
 if spec.calibrated and sparsity > 0:
     train, _ = data.load_clm_corpora(snakemake.params.data_settings, snakemake.params.local_dir)
@@ -54,7 +55,7 @@ if spec.calibrated and sparsity > 0:
 log.info("pruning %s with %s to sparsity %s", model_name, method, sparsity)
 report = prune_model(
     model, method, sparsity, include_embeddings=snakemake.params.include_embeddings,
-    seed=snakemake.params.seed, windows=windows, settings=settings,
+    seed=snakemake.params.seed or 0, windows=windows, settings=settings,
 )
 log.info(
     "pruned %s with %s: %d of %d weights in scope %r are zero or removed (sparsity %.6f; %.6f over all prunable weights)",
@@ -73,7 +74,8 @@ metadata = {
     "include_embeddings": snakemake.params.include_embeddings,
     "trust_remote_code": snakemake.params.trust_remote_code,
     "calibration": calibration_record,
-    "sparsegpt": snakemake.params.sparsegpt if spec.base == "sparsegpt" else None,
+    "sparsegpt": snakemake.params.sparsegpt,
+    "seed": snakemake.params.seed,
     **report.to_dict(),
     "environment": environment(settings.device if calibration_record else "cpu"),
 }
