@@ -96,6 +96,14 @@ def expand_runs(pattern, **fixed):
     return [pattern.format(model=model, method=method, sparsity=sparsity, **fixed) for model, method, sparsity in RUNS]
 
 
+def all_local_cores(wildcards):
+    """All cores of a local run, so that no other job runs beside a timing; 2 under a cluster executor, which sets no total."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 2
+
+
 def method_reads(wildcards, setting):
     """Whether the method of ``wildcards`` reads ``seed``, ``calibration`` or ``sparsegpt`` settings."""
     spec = method_spec(wildcards.method)

@@ -21,7 +21,7 @@ rule measure_latency:
         "logs/measure_latency/{model}/{method}/{sparsity}.benchmark.tsv"
     # All the cores of a local run, so no other job runs beside the timing; cluster profiles
     # set their own count.
-    threads: workflow.cores
+    threads: all_local_cores
     resources:
         # Defaults for a cluster profile to override per site. A local run limits jobs by gpu
         # only when given --resources gpu=N. The job times both models on one device, so it
