@@ -37,7 +37,9 @@ def test_schema_lists_every_method():
 def test_method_spec_parses_n_m_suffix():
     spec = method_spec("sparsegpt-2of4")
     assert (spec.base, spec.kept, spec.group, spec.fixed_sparsity) == ("sparsegpt", 2, 4, 0.5)
-    assert spec.calibrated and spec.layerwise and not spec.structured
+    assert spec.calibrated
+    assert spec.layerwise
+    assert not spec.structured
     assert method_spec("magnitude-4of8").calibrated is False
     assert method_spec("magnitude").layerwise is False
     assert method_spec("structured-ffn").structured
@@ -48,7 +50,7 @@ def test_method_spec_rejects_unknown_name():
         method_spec("wanda-1of4")
 
 
-def test_method_sparsities_prunes_dense_once_and_n_m_at_its_pattern():
+def test_method_sparsities_dense_once():
     pairs = method_sparsities(["magnitude", "wanda", "wanda-2of4"], [0.0, 0.3, 0.7])
     assert pairs == [
         ("magnitude", 0.0), ("magnitude", 0.3), ("magnitude", 0.7),
@@ -62,7 +64,7 @@ def test_method_sparsities_prunes_dense_once_and_n_m_at_its_pattern():
 
 
 @pytest.mark.parametrize("maker", MAKERS.values(), ids=MAKERS.keys())
-def test_magnitude_layer_prunes_each_matrix_to_the_same_sparsity(maker):
+def test_magnitude_layer_per_matrix(maker):
     model = maker()
     dense = {name: weight.detach().clone() for name, weight in prunable_weights(model)}
     report = prune_model(model, "magnitude-layer", 0.4)
@@ -169,7 +171,7 @@ def test_wanda_uses_inputs_of_the_already_pruned_layers(maker):
         assert torch.equal(out_in(module) == 0, expected), name
 
 
-def test_sparsegpt_reconstructs_better_than_magnitude_on_the_calibration_inputs():
+def test_sparsegpt_beats_magnitude_reconstruction():
     torch.manual_seed(0)
     dense = make_bert()
     windows = windows_for(dense, samples=16)

@@ -6,10 +6,10 @@ GPT-2's decoder, BART's encoder then decoder) is processed one layer at a time:
 
 1. the inputs of the stack's first layer are captured by running the model up to that layer on
    the calibration windows (for BART's decoder this runs the already-pruned encoder);
-2. for each layer: the layer moves to the calibration device, hooks collect the statistics of
-   every Linear's inputs over all windows (input norms for Wanda and FFN neurons, the Hessian
-   ``2/n X^T X`` for SparseGPT), the layer's weights are pruned, and the windows run through the
-   pruned layer again to give the next layer its inputs;
+2. for each layer: the layer moves to the calibration device, and hooks collect the statistics
+   of every Linear's inputs over all windows (input norms for Wanda and FFN neurons, the Hessian
+   ``2/n X^T X`` for SparseGPT). Then the layer's weights are pruned, and the windows run through
+   the pruned layer again to give the next layer its inputs;
 3. the layer moves back to the CPU.
 
 Only one layer's activations and statistics are held at a time, so a model whose activations
@@ -39,7 +39,7 @@ _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How calibration runs: windows per forward pass, device, and SparseGPT's solver settings."""
+    """Settings of a calibration run: windows per forward pass, device, and SparseGPT's solver settings."""
 
     batch_size: int = 16
     device: torch.device = torch.device("cpu")

@@ -67,3 +67,15 @@ def environment(device: str = "cpu") -> dict:
         "cuda_available": torch.cuda.is_available(),
         "versions": versions,
     }
+
+
+def checkpoint_fields(checkpoint, pruning: dict) -> dict:
+    """Return the fields that start every per-checkpoint result JSON, taken from its ``pruning.json``."""
+    return {
+        "model": pruning["model"],
+        "method": pruning["method"],
+        "sparsity": pruning["sparsity_target"],
+        "sparsity_achieved": pruning["sparsity_achieved"],
+        "untrained": pruning["untrained"],
+        "checkpoint": str(checkpoint),
+    }

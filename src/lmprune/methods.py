@@ -1,4 +1,4 @@
-"""The pruning methods lmprune knows, and what each one needs.
+"""The pruning methods lmprune offers, and the inputs each one needs.
 
 A method name is what appears in every output path (``results/checkpoints/{model}/{method}/...``).
 It is a base method, optionally followed by an N:M suffix: ``wanda-2of4`` is Wanda keeping 2 of
@@ -36,7 +36,7 @@ _N_M_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<kept>\d+)of(?P<group>\d+)$")
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What one method name asks for.
+    """The pruning settings that one method name selects.
 
     Attributes:
         name: the name as written in paths and the config.
@@ -97,7 +97,7 @@ def method_sparsities(methods: list[str], sparsities: list[float]) -> list[tuple
 
     Sparsity 0 is the dense model whatever the method, so it is pruned once, under the first
     method. An N:M method runs only at the sparsity its pattern implies (0.5 for 2:4 and 4:8),
-    whether or not the ladder holds that value. Every other method runs at every non-zero
+    whether or not the ladder contains that value. Every other method runs at every non-zero
     sparsity of the ladder.
     """
     pairs = []

@@ -1,9 +1,9 @@
 """Pruning of transformer language models: global magnitude, per-matrix methods and dispatch.
 
 :func:`prune_model` is the entry point for every method of :mod:`lmprune.methods`. This module
-implements the methods that act on every prunable weight (global ``magnitude``,
-``magnitude-layer`` and ``random``); the layer-wise methods (Wanda, SparseGPT, N:M,
-``structured-ffn``) live in :mod:`lmprune.calibration`.
+implements the methods that act on every prunable weight: global ``magnitude``,
+``magnitude-layer`` and ``random``. The layer-wise methods (Wanda, SparseGPT, N:M,
+``structured-ffn``) are in :mod:`lmprune.calibration`.
 
 The prunable set of a model is every weight matrix of ``nn.Linear``, of
 ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, stored as
@@ -329,19 +329,21 @@ def prune_model(
     if spec.base == "magnitude" and spec.group is None:
         report = _prune_magnitude(model, sparsity, include_embeddings)
     elif sparsity == 0:
-        report = _report(model, method, sparsity, prunable_weights(model, include_embeddings), 0, "prunable")
+        report = _report(method, sparsity, prunable_weights(model, include_embeddings), "prunable", num_pruned=0)
     elif spec.layerwise:
         report = _prune_layers(model, spec, sparsity, windows, settings)
     else:
         report = _prune_per_matrix(model, spec.base, sparsity, include_embeddings, seed)
-    report.model_sparsity = measure_sparsity(prunable_weights(model, include_embeddings))[0] / max(
-        1, sum(weight.numel() for _, weight in prunable_weights(model, include_embeddings))
-    )
+    zeros, numel, _ = measure_sparsity(prunable_weights(model, include_embeddings))
+    report.model_sparsity = zeros / numel if numel else 0.0
     return report
 
 
-def _report(model, method, sparsity, named_weights, num_pruned, scope, threshold=None) -> PruningReport:
+def _report(method, sparsity, named_weights, scope, *, num_pruned=None, zeros_before=0, threshold=None) -> PruningReport:
+    """Measure ``named_weights`` after pruning; ``num_pruned`` defaults to the zeros added since ``zeros_before``."""
     zeros, numel, tensors = measure_sparsity(named_weights)
+    if num_pruned is None:
+        num_pruned = zeros - zeros_before
     return PruningReport(
         method=method,
         sparsity_target=float(sparsity),
@@ -361,7 +363,7 @@ def _prune_magnitude(model: nn.Module, sparsity: float, include_embeddings: bool
 
     threshold = find_global_threshold(weights, sparsity, names=names)
     pruned_per_tensor = apply_global_threshold_(weights, threshold)
-    return _report(model, "magnitude", sparsity, named_weights, sum(pruned_per_tensor), "prunable", threshold.threshold)
+    return _report("magnitude", sparsity, named_weights, "prunable", num_pruned=sum(pruned_per_tensor), threshold=threshold.threshold)
 
 
 @torch.no_grad()
@@ -377,8 +379,7 @@ def _prune_per_matrix(model: nn.Module, base: str, sparsity: float, include_embe
         else:
             mask = masks.lowest_mask(weight.detach().abs().float(), sparsity)
         weight.masked_fill_(mask, 0)
-    report = _report(model, base, sparsity, named_weights, 0, "prunable")
-    report.num_pruned = round(report.sparsity_achieved * report.num_weights) - zeros_before
+    report = _report(base, sparsity, named_weights, "prunable", zeros_before=zeros_before)
     report.details = {"seed": seed} if base == "random" else {}
     return report
 
@@ -400,15 +401,13 @@ def _prune_layers(model: nn.Module, spec, sparsity: float, windows: Tensor | Non
     zeros_before = measure_sparsity(layer_weights())[0]
     ffn_weights_before = _ffn_weights(model) if spec.structured else 0
     details = calibration.prune_layers(model, spec, sparsity, windows, settings)
-    report = _report(model, spec.name, sparsity, layer_weights(), 0, "layers")
+    report = _report(spec.name, sparsity, layer_weights(), "layers", zeros_before=zeros_before)
     if spec.structured:
         # Removed, not zeroed: the share of the FFN weights that are gone.
         report.scope = "ffn"
         report.num_weights = ffn_weights_before
         report.num_pruned = ffn_weights_before - _ffn_weights(model)
         report.sparsity_achieved = report.num_pruned / ffn_weights_before
-    else:
-        report.num_pruned = round(report.sparsity_achieved * report.num_weights) - zeros_before
     report.details = details
     return report
 

@@ -7,7 +7,7 @@ from lmprune.data import load_clm_corpora
 from lmprune.fidelity import held_out_lines, measure_fidelity
 from lmprune.gpus import claim_gpu
 from lmprune.io import write_json_atomic
-from lmprune.jobs import environment, start_job
+from lmprune.jobs import checkpoint_fields, environment, start_job
 
 log = start_job(snakemake.log[0], snakemake.threads)
 # Before CUDA starts, so that jobs packed onto one multi-GPU node each get their own GPU.
@@ -46,12 +46,7 @@ log.info(
 write_json_atomic(
     snakemake.output[0],
     {
-        "model": pruning["model"],
-        "method": pruning["method"],
-        "sparsity": pruning["sparsity_target"],
-        "sparsity_achieved": pruning["sparsity_achieved"],
-        "untrained": pruning["untrained"],
-        "checkpoint": str(checkpoint),
+        **checkpoint_fields(checkpoint, pruning),
         "dense": source,
         **result,
         "text": {**held_out.provenance, "selection": f"first {len(lines)} non-blank lines that are not section headings"},

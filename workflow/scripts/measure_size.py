@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from lmprune.io import write_json_atomic
-from lmprune.jobs import environment, start_job
+from lmprune.jobs import checkpoint_fields, environment, start_job
 from lmprune.sizes import measure_checkpoint
 
 log = start_job(snakemake.log[0], snakemake.threads)
@@ -19,12 +19,7 @@ for codec, result in sizes["codecs"].items():
 write_json_atomic(
     snakemake.output[0],
     {
-        "model": pruning["model"],
-        "method": pruning["method"],
-        "sparsity": pruning["sparsity_target"],
-        "sparsity_achieved": pruning["sparsity_achieved"],
-        "untrained": pruning["untrained"],
-        "checkpoint": str(checkpoint),
+        **checkpoint_fields(checkpoint, pruning),
         **sizes,
         "environment": environment(),
     },
